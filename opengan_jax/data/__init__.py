@@ -1,0 +1,1 @@
+"""Image sources, decoding and batching behind `opengan_jax.input_pipeline`."""

@@ -1,0 +1,172 @@
+"""Stage 1 loop: train the metric extractor F with the NCA loss, or restore a finished one.
+
+The cached kernel centres are the eval-mode features of every training image, recomputed every
+`extractor.cache_refresh_epochs` epochs. They are saved with the extractor's checkpoint, so a
+resumed run uses exactly the centres an uninterrupted run would.
+"""
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from opengan_jax import checkpointing, config_checks, metric_learning, parallel
+from opengan_jax.input_pipeline import BatchSampler, ClassSplit
+from opengan_jax.models import ResNet18
+
+STAGE = 'extractor'
+SAMPLER_STREAM = 1  # Keeps the extractor's data order apart from the GAN's for the same seed.
+
+
+def make_extractor(config: ml_collections.ConfigDict) -> ResNet18:
+  """Build F (with axis_name=None) from the config."""
+  return ResNet18(stem=config_checks.extractor_stem(config))
+
+
+def log_recall(
+  model: ResNet18,
+  variables: dict[str, Any],
+  split: ClassSplit,
+  train_features: np.ndarray,
+  config: ml_collections.ConfigDict,
+  writer: metric_writers.MetricWriter,
+  step: int,
+  workdir: str,
+) -> dict[str, float]:
+  """Write leave-one-out recall@1 on training and novel classes, and return both.
+
+  The latest values also go to WORKDIR/extractor_recall.json.
+  """
+  novel_features = metric_learning.compute_features(
+    model, variables, split.novel_images, config.extractor.eval_batch_size
+  )
+  recall = {
+    'extractor/recall_at_1_train': metric_learning.recall_at_1(train_features, split.train_labels),
+    'extractor/recall_at_1_novel': metric_learning.recall_at_1(novel_features, split.novel_labels),
+  }
+  writer.write_scalars(step, recall)
+  logging.info(
+    'Extractor step %d: recall@1 train %.4f, novel %.4f.',
+    step,
+    recall['extractor/recall_at_1_train'],
+    recall['extractor/recall_at_1_novel'],
+  )
+  if jax.process_index() == 0:
+    path = pathlib.Path(workdir) / 'extractor_recall.json'
+    tmp = path.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps({'step': step, **recall}, indent=2))
+    tmp.replace(path)
+  return recall
+
+
+def train_or_restore_extractor(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  split: ClassSplit,
+  mesh: jax.sharding.Mesh,
+  writer: metric_writers.MetricWriter,
+) -> tuple[ResNet18, dict[str, Any]]:
+  """Run stage 1 to its last epoch (resuming if checkpointed) and return F and its variables."""
+  model = make_extractor(config)
+  cfg = config.extractor
+  image_size = config_checks.extractor_image_size(config)
+  sampler = BatchSampler(
+    split.train_images,
+    split.train_labels,
+    global_batch_size=cfg.batch_size,
+    seed=config.seed * 2 + SAMPLER_STREAM,
+    random_flip=config.dataset.random_flip,
+  )
+  steps_per_epoch = sampler.steps_per_epoch
+  total_steps = cfg.num_epochs * steps_per_epoch
+
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), SAMPLER_STREAM)
+  state = metric_learning.create_extractor_state(model, rng, (1, image_size, image_size, 3), cfg)
+  num_train = split.train_images.shape[0]
+  target = {
+    'state': state,
+    'centres': np.zeros((num_train, cfg.feature_dim), np.float32),
+  }
+  manager = checkpointing.make_manager(workdir, STAGE, config.keep_checkpoints)
+  restored, start_step = checkpointing.restore_latest(manager, target)
+  state, centres = restored['state'], np.asarray(restored['centres'])
+  start_step = start_step or 0
+
+  if start_step >= total_steps:
+    logging.info('Extractor stage finished at step %d; reusing it.', start_step)
+    return model, _variables(state)
+
+  logging.info(
+    'Training the extractor: %d epochs of %d steps, from step %d.',
+    cfg.num_epochs,
+    steps_per_epoch,
+    start_step,
+  )
+  train_step = metric_learning.make_extractor_train_step(model, mesh, cfg.sigma, cfg.top_k)
+  state = parallel.replicate(state, mesh)
+  centre_labels = parallel.replicate(np.asarray(split.train_labels, np.int32), mesh)
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  refresh_every = cfg.cache_refresh_epochs * steps_per_epoch
+  save_every = cfg.checkpoint_every_epochs * steps_per_epoch
+  device_centres = parallel.replicate(centres, mesh)
+
+  for step in range(start_step, total_steps):
+    if step % refresh_every == 0:
+      variables = _variables(state)
+      centres = metric_learning.compute_features(
+        model, variables, split.train_images, cfg.eval_batch_size
+      )
+      device_centres = parallel.replicate(centres, mesh)
+      log_recall(model, variables, split, centres, config, writer, step, workdir)
+
+    batch = parallel.global_batch(sampler.batch(step), mesh)
+    state, metrics = train_step(state, batch, device_centres, centre_labels)
+    done = step + 1
+    progress(done)
+    if done % 50 == 0 or done == total_steps:
+      writer.write_scalars(done, {f'extractor/{k}': float(v) for k, v in metrics.items()})
+    if done % save_every == 0 or done == total_steps:
+      loss = float(metrics['loss'])
+      if not np.isfinite(loss):
+        raise FloatingPointError(
+          f'extractor loss is {loss} at step {done}; the last good checkpoint in '
+          f'{manager.directory} is kept. Lower --config.extractor.learning_rate and rerun.'
+        )
+      checkpointing.save(manager, done, {'state': state, 'centres': centres})
+
+  manager.wait_until_finished()
+  variables = _variables(state)
+  final = metric_learning.compute_features(
+    model, variables, split.train_images, cfg.eval_batch_size
+  )
+  log_recall(model, variables, split, final, config, writer, total_steps, workdir)
+  return model, variables
+
+
+def _variables(state: Any) -> dict[str, Any]:
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def restore_extractor(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[ResNet18, dict[str, Any]]:
+  """Return F and its variables from the newest extractor checkpoint of `workdir`."""
+  model = make_extractor(config)
+  manager = checkpointing.make_manager(workdir, STAGE, config.keep_checkpoints)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(
+      f'no extractor checkpoint in {manager.directory}; train the workdir first, or check --workdir.'
+    )
+  # Without a target, orbax restores the saved tree as nested dicts of arrays; only F's variables
+  # are needed here, not the optimiser state or the centres.
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  state = restored['state']
+  logging.info('Restored extractor of step %d from %s.', step, manager.directory)
+  return model, {'params': state['params'], 'batch_stats': state['batch_stats']}

@@ -1,0 +1,40 @@
+"""Shared test fixtures.
+
+Tests run on the CPU with 4 faked devices, so the data-parallel path is covered on any machine.
+"""
+
+import os
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
+
+
+def _require_shared(subdir: str) -> pathlib.Path:
+  path = SHARED_DATA / subdir
+  if path.is_dir():
+    return path
+  reason = (
+    f'real images not found at {path}: place the shared data folder beside the repository '
+    '(../shared/data) to run this test'
+  )
+  if os.environ.get('CI') == 'true':
+    pytest.fail(reason + '; CI requires it')
+  pytest.skip(reason)
+
+
+@pytest.fixture(scope='session')
+def flowers_dir() -> pathlib.Path:
+  """Root of the Flowers102 class-per-folder copy (folders 001-102)."""
+  return _require_shared('flowers102')
+
+
+@pytest.fixture(scope='session')
+def faces_dir() -> pathlib.Path:
+  """Root of the CelebA face crops, one folder per identity."""
+  return _require_shared('faces')
