@@ -28,5 +28,5 @@ def get_config():
   config.model.norm = 'batch'  # The paper found batch statistics best on Flowers102.
   # Deviation: the paper fine-tunes an ImageNet ResNet18 at lr 1e-5. No such weights can be loaded
   # here, so F trains from scratch, which needs a larger learning rate to move in a few epochs.
-  config.extractor.learning_rate = 1e-4
+  config.extractor.learning_rate = 1e-3
   return config

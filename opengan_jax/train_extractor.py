@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from opengan_jax import checkpointing, config_checks, metric_learning, parallel
+from opengan_jax import checkpointing, config_checks, metric_learning, parallel, pretrained
 from opengan_jax.input_pipeline import BatchSampler, ClassSplit
 from opengan_jax.models import ResNet18
 
@@ -27,6 +27,36 @@ SAMPLER_STREAM = 1  # Keeps the extractor's data order apart from the GAN's for 
 def make_extractor(config: ml_collections.ConfigDict) -> ResNet18:
   """Build F (with axis_name=None) from the config."""
   return ResNet18(stem=config_checks.extractor_stem(config))
+
+
+CALIBRATION_BATCHES = 30  # Leaves 0.9**30 (4%) of the initial statistics at momentum 0.9.
+
+
+def calibrate_batch_norm(
+  model: ResNet18, state: Any, sampler: BatchSampler, num_batches: int = CALIBRATION_BATCHES
+) -> Any:
+  """Set F's BatchNorm running statistics from training batches, without changing its weights.
+
+  A network trained from scratch starts with running statistics (mean 0, variance 1) that are
+  far from its batch statistics, so the first cache of centres, computed in evaluation mode,
+  would live in another space than the training-mode features the NCA loss compares with it.
+  """
+
+  @jax.jit
+  def update(batch_stats, images):
+    _, mutated = model.apply(
+      {'params': state.params, 'batch_stats': batch_stats},
+      images,
+      train=True,
+      mutable=['batch_stats'],
+    )
+    return mutated['batch_stats']
+
+  batch_stats = state.batch_stats
+  for step in range(num_batches):
+    batch_stats = update(batch_stats, sampler.batch(step)['image'])
+  logging.info('Calibrated the extractor BatchNorm statistics on %d batches.', num_batches)
+  return state.replace(batch_stats=batch_stats)
 
 
 def log_recall(
@@ -97,6 +127,9 @@ def train_or_restore_extractor(
   restored, start_step = checkpointing.restore_latest(manager, target)
   state, centres = restored['state'], np.asarray(restored['centres'])
   start_step = start_step or 0
+  if start_step == 0 and cfg.init_weights is not None:
+    state = pretrained.init_state_from_file(state, cfg.init_weights)
+    logging.info('Initialised the extractor from %s.', cfg.init_weights)
 
   if start_step >= total_steps:
     logging.info('Extractor stage finished at step %d; reusing it.', start_step)
@@ -108,6 +141,8 @@ def train_or_restore_extractor(
     steps_per_epoch,
     start_step,
   )
+  if start_step == 0 and cfg.init_weights is None:
+    state = calibrate_batch_norm(model, state, sampler)
   train_step = metric_learning.make_extractor_train_step(model, mesh, cfg.sigma, cfg.top_k)
   state = parallel.replicate(state, mesh)
   centre_labels = parallel.replicate(np.asarray(split.train_labels, np.int32), mesh)

@@ -119,17 +119,10 @@ def test_four_devices_match_one_device():
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), actual, expected
       )
   assert int(four.step) == 1
-
-
-def test_steps_are_finite_and_update_both_networks():
-  tx = optax.adam(1e-4, b1=0.0, b2=0.999)
-  state, history = _run_steps(2, tx, steps=2)
-  assert int(state.step) == 2
-  for metrics in history:
-    for key, value in metrics.items():
-      assert np.isfinite(value), f'{key} is {value}'
-  assert history[0]['feature_loss'] > 0
-  assert history[0]['d_loss'] > 0
+  for key, value in four_metrics[0].items():
+    assert np.isfinite(value), f'{key} is {value}'
+  assert four_metrics[0]['feature_loss'] > 0
+  assert four_metrics[0]['d_loss'] > 0
 
 
 @pytest.mark.parametrize('conditioning', ['class', 'none'])
@@ -141,13 +134,8 @@ def test_baselines_train_without_feature_loss(conditioning):
   assert np.isfinite(history[0]['g_loss'])
 
 
-def test_extractor_gets_no_gradient_and_is_unchanged():
+def test_extractor_gets_no_gradient():
   extractor, variables = _extractor()
-  before = jax.tree.map(np.asarray, variables)
-  _run_steps(1, optax.sgd(0.1))
-  after = jax.tree.map(np.asarray, variables)
-  jax.tree.map(np.testing.assert_array_equal, before, after)
-
   images = jnp.zeros((2, RESOLUTION, RESOLUTION, 3))
 
   def loss(params):
