@@ -98,6 +98,32 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
   logging.info('Saving checkpoint at step %d to %s.', step, manager.directory)
 
 
+def restore_latest_as_saved(workdir: str | pathlib.Path, stage: str) -> tuple[Any, int | None]:
+  """Restore the newest checkpoint of `stage` as saved: nested dicts of arrays on one device.
+
+  Unlike restore_latest, no target is needed, and the checkpoint may come from any number of
+  devices: orbax's restore without a target reuses the saved shardings, which fails when the
+  device count differs. Returns (tree, step), or (None, None) when the stage has no checkpoint.
+  """
+  directory = pathlib.Path(workdir).absolute() / 'checkpoints' / stage
+  manager = ocp.CheckpointManager(
+    directory,
+    item_handlers=ocp.StandardCheckpointHandler(),
+    options=ocp.CheckpointManagerOptions(read_only=True),
+  )
+  step = manager.latest_step()
+  if step is None:
+    return None, None
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+    lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+    manager.item_metadata(step),
+  )
+  tree = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  logging.info('Restored checkpoint of step %d from %s.', step, directory)
+  return tree, step
+
+
 def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, int | None]:
   """Restore the newest checkpoint into the structure, shapes and shardings of `target`.
 

@@ -176,21 +176,24 @@ def train_gan(
     return state
 
   logging.info('Training the GAN from step %d to %d.', start_step, total_steps)
-  for step in range(start_step, total_steps):
-    batch = parallel.global_batch(sampler.batch(step), mesh)
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, metrics = train_step(state, batch, device_extractor_variables)
-    done = step + 1
-    progress(done)
-    is_last = done == total_steps
-    if done % config.log_every_steps == 0 or is_last:
-      writer.write_scalars(done, _finite_metrics(metrics, done, manager))
-    if done % config.sample_every_steps == 0 or is_last:
-      grids.write(state, done, workdir, writer)
-    if done % config.checkpoint_every_steps == 0 or is_last:
-      _finite_metrics(metrics, done, manager)
-      checkpointing.save(manager, done, state)
-  manager.wait_until_finished()
+  # An error or interrupt must not leave a save half-written: wait for it before leaving.
+  try:
+    for step in range(start_step, total_steps):
+      batch = parallel.global_batch(sampler.batch(step), mesh)
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, metrics = train_step(state, batch, device_extractor_variables)
+      done = step + 1
+      progress(done)
+      is_last = done == total_steps
+      if done % config.log_every_steps == 0 or is_last:
+        writer.write_scalars(done, _finite_metrics(metrics, done, manager))
+      if done % config.sample_every_steps == 0 or is_last:
+        grids.write(state, done, workdir, writer)
+      if done % config.checkpoint_every_steps == 0 or is_last:
+        _finite_metrics(metrics, done, manager)
+        checkpointing.save(manager, done, state)
+  finally:
+    manager.wait_until_finished()
   writer.flush()
   return state
 

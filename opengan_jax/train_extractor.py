@@ -12,7 +12,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 
@@ -132,6 +131,10 @@ def train_or_restore_extractor(
     logging.info('Initialised the extractor from %s.', cfg.init_weights)
 
   if start_step >= total_steps:
+    if manager.latest_step() is None:
+      # num_epochs=0 trains nothing; save the initial F so sampling can restore it later.
+      checkpointing.save(manager, 0, {'state': state, 'centres': centres})
+      manager.wait_until_finished()
     logging.info('Extractor stage finished at step %d; reusing it.', start_step)
     return model, _variables(state)
 
@@ -151,31 +154,33 @@ def train_or_restore_extractor(
   save_every = cfg.checkpoint_every_epochs * steps_per_epoch
   device_centres = parallel.replicate(centres, mesh)
 
-  for step in range(start_step, total_steps):
-    if step % refresh_every == 0:
-      variables = _variables(state)
-      centres = metric_learning.compute_features(
-        model, variables, split.train_images, cfg.eval_batch_size
-      )
-      device_centres = parallel.replicate(centres, mesh)
-      log_recall(model, variables, split, centres, config, writer, step, workdir)
-
-    batch = parallel.global_batch(sampler.batch(step), mesh)
-    state, metrics = train_step(state, batch, device_centres, centre_labels)
-    done = step + 1
-    progress(done)
-    if done % 50 == 0 or done == total_steps:
-      writer.write_scalars(done, {f'extractor/{k}': float(v) for k, v in metrics.items()})
-    if done % save_every == 0 or done == total_steps:
-      loss = float(metrics['loss'])
-      if not np.isfinite(loss):
-        raise FloatingPointError(
-          f'extractor loss is {loss} at step {done}; the last good checkpoint in '
-          f'{manager.directory} is kept. Lower --config.extractor.learning_rate and rerun.'
+  # An error or interrupt must not leave a save half-written: wait for it before leaving.
+  try:
+    for step in range(start_step, total_steps):
+      if step % refresh_every == 0:
+        variables = _variables(state)
+        centres = metric_learning.compute_features(
+          model, variables, split.train_images, cfg.eval_batch_size
         )
-      checkpointing.save(manager, done, {'state': state, 'centres': centres})
+        device_centres = parallel.replicate(centres, mesh)
+        log_recall(model, variables, split, centres, config, writer, step, workdir)
 
-  manager.wait_until_finished()
+      batch = parallel.global_batch(sampler.batch(step), mesh)
+      state, metrics = train_step(state, batch, device_centres, centre_labels)
+      done = step + 1
+      progress(done)
+      if done % 50 == 0 or done == total_steps:
+        writer.write_scalars(done, {f'extractor/{k}': float(v) for k, v in metrics.items()})
+      if done % save_every == 0 or done == total_steps:
+        loss = float(metrics['loss'])
+        if not np.isfinite(loss):
+          raise FloatingPointError(
+            f'extractor loss is {loss} at step {done}; the last good checkpoint in '
+            f'{manager.directory} is kept. Lower --config.extractor.learning_rate and rerun.'
+          )
+        checkpointing.save(manager, done, {'state': state, 'centres': centres})
+  finally:
+    manager.wait_until_finished()
   variables = _variables(state)
   final = metric_learning.compute_features(
     model, variables, split.train_images, cfg.eval_batch_size
@@ -193,15 +198,13 @@ def restore_extractor(
 ) -> tuple[ResNet18, dict[str, Any]]:
   """Return F and its variables from the newest extractor checkpoint of `workdir`."""
   model = make_extractor(config)
-  manager = checkpointing.make_manager(workdir, STAGE, config.keep_checkpoints)
-  step = manager.latest_step()
+  # Restored as saved (nested dicts of arrays): only F's variables are needed here, not the
+  # optimiser state or the centres, whose shape depends on the training images.
+  restored, step = checkpointing.restore_latest_as_saved(workdir, STAGE)
   if step is None:
+    directory = pathlib.Path(workdir).absolute() / 'checkpoints' / STAGE
     raise FileNotFoundError(
-      f'no extractor checkpoint in {manager.directory}; train the workdir first, or check --workdir.'
+      f'no extractor checkpoint in {directory}; train the workdir first, or check --workdir.'
     )
-  # Without a target, orbax restores the saved tree as nested dicts of arrays; only F's variables
-  # are needed here, not the optimiser state or the centres.
-  restored = manager.restore(step, args=ocp.args.StandardRestore())
   state = restored['state']
-  logging.info('Restored extractor of step %d from %s.', step, manager.directory)
   return model, {'params': state['params'], 'batch_stats': state['batch_stats']}

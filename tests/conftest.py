@@ -4,9 +4,15 @@ Tests run on the CPU with 4 faked devices, so the data-parallel path is covered 
 """
 
 import os
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Several tests compile the same training steps; a per-session compilation cache pays for each
+# program once.
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='opengan-jax-test-compile-cache-')
+)
 
 import pathlib  # noqa: E402
 
