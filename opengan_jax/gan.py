@@ -49,6 +49,14 @@ class NetworkState:
       spectral=mutated.get('spectral', self.spectral),
     )
 
+  def apply_gradients(
+    self, grads: Any, tx: optax.GradientTransformation, mutated: Variables
+  ) -> 'NetworkState':
+    """Take one optimiser step with `grads` and keep the statistics of the forward pass."""
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    return self.replace_stats(mutated).replace(params=params, opt_state=opt_state)
+
 
 @flax.struct.dataclass
 class GanState:
@@ -207,11 +215,7 @@ def train_step_per_device(
   (d_loss, (d_mutated, d_real, d_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
     d_state.params
   )
-  d_grads = mean_over_devices(d_grads)
-  d_updates, d_opt_state = d_tx.update(d_grads, d_state.opt_state, d_state.params)
-  d_state = d_state.replace_stats(d_mutated).replace(
-    params=optax.apply_updates(d_state.params, d_updates), opt_state=d_opt_state
-  )
+  d_state = d_state.apply_gradients(mean_over_devices(d_grads), d_tx, d_mutated)
 
   # G step, with a fresh z. D's statistics updates from this pass are discarded: D does not learn
   # here, and its weights have not changed since its own step.
@@ -234,11 +238,7 @@ def train_step_per_device(
   (g_loss, (g_mutated, g_adv, g_feature)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
     g_state.params
   )
-  g_grads = mean_over_devices(g_grads)
-  g_updates, g_opt_state = g_tx.update(g_grads, g_state.opt_state, g_state.params)
-  g_state = g_state.replace_stats(g_mutated).replace(
-    params=optax.apply_updates(g_state.params, g_updates), opt_state=g_opt_state
-  )
+  g_state = g_state.apply_gradients(mean_over_devices(g_grads), g_tx, g_mutated)
 
   metrics = {
     'd_loss': d_loss,
