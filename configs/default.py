@@ -1,4 +1,5 @@
-"""Default OpenGAN configuration: the paper's settings for Flowers102 at 256 px.
+"""Default configuration: the settings of the OpenGAN paper (Ditria, Meyer and Drummond, 2020)
+for Flowers102 at 256 px.
 
 Dataset variants (flowers.py, faces.py, celeba.py, demo.py) import this file and change only
 what differs. Every field can be overridden on the command line, for example

@@ -16,7 +16,7 @@ def get_config():
   config.dataset.source = 'folder'
   # Set with --config.dataset.image_dir=DIR.
   config.dataset.num_train_classes = 180
-  config.model.norm = 'instance'  # The paper found instance statistics best on CelebA.
-  config.extractor.learning_rate = 1e-4  # From scratch, as in configs/flowers.py.
+  config.model.norm = 'instance'  # The OpenGAN authors found instance statistics best on CelebA.
+  config.extractor.learning_rate = 1e-3  # From scratch, as in configs/flowers.py.
   config.resolution = 64
   return config

@@ -1,6 +1,7 @@
-"""OpenGAN on Oxford Flowers102: 82 training classes, 20 novel classes (paper, section 5.1).
+"""OpenGAN on Oxford Flowers102: 82 training classes and 20 novel classes.
 
-The paper's run: 256 px, batch 48, 60,000 iterations, about 15 hours on four GTX 1080 Ti.
+The split and the settings follow section 5.1 of the OpenGAN paper (Ditria, Meyer and Drummond,
+2020). Its run: 256 px, batch 48, 60,000 iterations, about 15 hours on four GTX 1080 Ti.
 
   python main.py --config=configs/flowers.py --workdir=/tmp/flowers
 
@@ -25,8 +26,8 @@ def get_config():
   config.dataset.source = 'tfds'
   config.dataset.name = 'oxford_flowers102'
   config.dataset.num_train_classes = 82
-  config.model.norm = 'batch'  # The paper found batch statistics best on Flowers102.
-  # Deviation: the paper fine-tunes an ImageNet ResNet18 at lr 1e-5. No such weights can be loaded
+  config.model.norm = 'batch'  # The OpenGAN authors found batch statistics best here.
+  # Deviation: the OpenGAN paper fine-tunes an ImageNet ResNet18 at lr 1e-5. No such weights can be loaded
   # here, so F trains from scratch, which needs a larger learning rate to move in a few epochs.
   config.extractor.learning_rate = 1e-3
   return config

@@ -127,7 +127,7 @@ def restore_latest_as_saved(workdir: str | pathlib.Path, stage: str) -> tuple[An
 def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, int | None]:
   """Restore the newest checkpoint into the structure, shapes and shardings of `target`.
 
-  Returns (state, step), or (target, None) when the manager holds no checkpoint.
+  Returns (state, step), or (target, None) when the manager has no checkpoint.
   """
   step = manager.latest_step()
   if step is None:

@@ -200,7 +200,7 @@ def train_step_per_device(
   g_state = g_state.replace_stats(g_mutated)
 
   def d_loss_fn(d_params):
-    # D sees the real and the fake batch in two calls, so its final norm uses each batch's own
+    # D is applied to the real and the fake batch in two calls, so its final norm uses each batch's own
     # statistics, as in the authors' code.
     real_logits, mutated = discriminator.apply(
       d_state.variables(d_params), images, cond, train=True, mutable=list(MUTABLE)
@@ -280,7 +280,7 @@ def make_train_step(
 ) -> Callable[[GanState, dict[str, jax.Array], Variables], tuple[GanState, dict[str, jax.Array]]]:
   """Return the jitted data-parallel iteration `(state, batch, extractor_variables)`.
 
-  `batch` holds global arrays split over `mesh` (see parallel.global_batch); the state and the
+  `batch` contains global arrays split over `mesh` (see parallel.global_batch); the state and the
   extractor's variables are replicated. The input state's buffers are donated.
   """
   axis_name = mesh.axis_names[0]

@@ -1,6 +1,6 @@
 """Data parallelism: one device mesh axis, per-device steps under `jax.shard_map`.
 
-Every training step is written as per-device code, as with `pmap`: each device sees its shard of
+Every training step is written as per-device code, as with `pmap`: each device computes on its shard of
 the global batch, and gradients, losses and BatchNorm statistics are averaged over `DATA_AXIS`.
 The mesh spans all devices of all processes, so the same code runs on one CPU, on several local
 devices, or multi-host after `jax.distributed.initialize()`.

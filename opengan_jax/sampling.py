@@ -56,7 +56,7 @@ def expand_sources(sources: list[str]) -> list[pathlib.Path]:
       found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
       if not found:
         raise ValueError(
-          f'source folder {path} holds no image files ({", ".join(IMAGE_SUFFIXES)}).'
+          f'source folder {path} contains no image files ({", ".join(IMAGE_SUFFIXES)}).'
         )
       paths.extend(found)
     elif path.is_file():
@@ -86,7 +86,7 @@ def sample_from_workdir(
 ) -> pathlib.Path:
   """Generate `num_samples` images per source image and write them as one PNG grid.
 
-  Each row holds the source image (resized and centre-cropped to the GAN resolution) followed by
+  Each row contains the source image (resized and centre-cropped to the GAN resolution) followed by
   its samples. Returns the path of the PNG. Nothing is written when an input is invalid.
   """
   config = load_workdir_config(workdir)

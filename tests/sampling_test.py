@@ -93,7 +93,7 @@ def test_missing_source_rejected(trained, tmp_path):
 def test_empty_source_folder_rejected(trained, tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()
-  with pytest.raises(ValueError, match='holds no image files'):
+  with pytest.raises(ValueError, match='contains no image files'):
     sampling.sample_from_workdir(str(trained), [str(empty)], str(tmp_path / 'grid.png'))
 
 
