@@ -15,6 +15,10 @@ folder order (001-082 train, 083-102 novel):
 
 Expect the extractor's leave-one-out recall@1 to be logged at every centre refresh (TensorBoard
 tag extractor/recall_at_1_novel) and sample grids of training and novel classes in WORKDIR/samples.
+Measured on 2 CPU cores, with the folder command above and --config.extractor.num_epochs=10:
+F from scratch reached recall@1 0.29 on the training classes and 0.31 on the novel classes.
+After 2,000 GAN steps (44 minutes) the samples of novel-class sources keep the source's colours,
+with flower shapes that vary with z but are still blurry.
 """
 
 from configs import default

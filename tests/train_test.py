@@ -123,14 +123,13 @@ def test_tfds_image_folder_run(tmp_path, flowers_dir):
   tiny_runs.link_flowers(flowers_dir, image_dir / 'train')
   config = tiny_runs.tiny_config(image_dir, tmp_path / 'cache')
   config.dataset.source = 'tfds_image_folder'
-  # The folder run covers stage 1; here the GAN is conditioned on the untrained F.
-  config.extractor.num_epochs = 0
   config.gan.num_steps = 2
   workdir = tmp_path / 'workdir'
 
   state = train.train_and_evaluate(config, str(workdir))
 
   assert int(state.step) == 2
+  assert _steps(workdir, 'extractor') == [2]
   assert _steps(workdir, 'gan') == [2]
   cached = [p.name for p in (tmp_path / 'cache').iterdir()]
   assert len(cached) == 1
