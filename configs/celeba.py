@@ -8,7 +8,7 @@ is prepared offline from the original files in a folder of yours:
   python main.py --config=configs/celeba.py --workdir=/tmp/celeba \
     --config.dataset.manual_dir=DIR
 
-DIR holds img_align_celeba.zip, identity_CelebA.txt, list_attr_celeba.txt,
+DIR contains img_align_celeba.zip, identity_CelebA.txt, list_attr_celeba.txt,
 list_eval_partition.txt and list_landmarks_align_celeba.txt, as published.
 """
 

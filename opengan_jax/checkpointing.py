@@ -98,6 +98,18 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
   logging.info('Saving checkpoint at step %d to %s.', step, manager.directory)
 
 
+def on_first_device(tree: Any) -> Any:
+  """Map a tree of arrays or shape structs to shape structs placed on the first local device.
+
+  Used as a restore target, it lets a checkpoint written on any number of devices restore here:
+  without an explicit sharding, orbax reuses the saved one, which fails when the count differs.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+    lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), tree
+  )
+
+
 def restore_latest_as_saved(workdir: str | pathlib.Path, stage: str) -> tuple[Any, int | None]:
   """Restore the newest checkpoint of `stage` as saved: nested dicts of arrays on one device.
 
@@ -114,11 +126,7 @@ def restore_latest_as_saved(workdir: str | pathlib.Path, stage: str) -> tuple[An
   step = manager.latest_step()
   if step is None:
     return None, None
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(
-    lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-    manager.item_metadata(step),
-  )
+  abstract = on_first_device(manager.item_metadata(step))
   tree = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   logging.info('Restored checkpoint of step %d from %s.', step, directory)
   return tree, step

@@ -1,4 +1,4 @@
-"""Stage 2: the feature-conditional GAN (Algorithm 1 of the paper).
+"""Stage 2: the feature-conditional GAN (Algorithm 1 of the OpenGAN paper, Ditria et al. 2020).
 
 One training iteration is a D step followed by a G step. Both are pure per-device functions run
 under `jax.shard_map`: gradients, losses and BatchNorm statistics are averaged over
@@ -69,7 +69,7 @@ class GanState:
 
 
 def make_optimizer(learning_rate: float, b1: float, b2: float) -> optax.GradientTransformation:
-  """Adam, as in the paper (lr 1e-4, betas (0, 0.999) for both networks)."""
+  """Return Adam; the OpenGAN paper uses lr 1e-4 and betas (0, 0.999) for both networks."""
   return optax.adam(learning_rate, b1=b1, b2=b2)
 
 
@@ -134,7 +134,7 @@ def feature_loss(fake_features: jax.Array, features: jax.Array) -> jax.Array:
   """Squared distance ||F(G(z, f)) - f||^2, summed over dimensions and averaged over the batch.
 
   The authors' code uses nn.MSELoss, which also averages over the feature dimensions; the sum
-  follows the paper's Eq. 3 and makes lambda 512 times stronger for the same value.
+  follows Eq. 3 of the OpenGAN paper and makes lambda 512 times stronger for the same value.
   """
   return jnp.mean(jnp.sum(jnp.square(fake_features - features), axis=-1))
 

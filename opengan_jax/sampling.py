@@ -31,12 +31,8 @@ def restore_generator(
 ) -> tuple[Any, dict[str, Any], int]:
   """Return (G, its variables, step) from the newest GAN checkpoint of `workdir`."""
   generator, discriminator = train.make_networks(config, num_classes)
-  # An explicit device: without one, orbax places the arrays with the shardings they were saved
-  # with, which fails when the workdir was trained on a different number of devices.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(
-    lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-    jax.eval_shape(lambda: train.initial_gan_state(config, generator, discriminator)),
+  target = checkpointing.on_first_device(
+    jax.eval_shape(lambda: train.initial_gan_state(config, generator, discriminator))
   )
   manager = checkpointing.make_manager(workdir, train.STAGE, config.keep_checkpoints)
   if manager.latest_step() is None:

@@ -2,8 +2,8 @@
 
 `train_and_evaluate(config, workdir)` validates the config, loads the data, trains or restores F,
 then trains G and D from the last GAN checkpoint in the workdir. Rerunning the same command
-resumes; a killed run continues exactly as an uninterrupted one would (the batch, the latents and
-every other random draw are functions of the seed and the step).
+resumes. A killed run continues exactly as an uninterrupted one would, because the batch, the
+latents and every other random draw are functions of the seed and the step.
 """
 
 import json
@@ -51,7 +51,7 @@ def make_networks(
 def initial_gan_state(
   config: ml_collections.ConfigDict, generator: Generator, discriminator: Discriminator
 ) -> gan.GanState:
-  """Initialise the GAN state from the seed (optimisers as in the paper)."""
+  """Initialise G, D and their Adam states from the seed."""
   g_tx, d_tx = optimizers(config)
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), SAMPLER_STREAM)
   return gan.create_gan_state(

@@ -36,9 +36,9 @@ def calibrate_batch_norm(
 ) -> Any:
   """Set F's BatchNorm running statistics from training batches, without changing its weights.
 
-  A network trained from scratch starts with running statistics (mean 0, variance 1) that are
-  far from its batch statistics, so the first cache of centres, computed in evaluation mode,
-  would live in another space than the training-mode features the NCA loss compares with it.
+  A network trained from scratch starts with running statistics (mean 0, variance 1) far from
+  its batch statistics. The first cache of centres is computed in evaluation mode, so without
+  calibration it would not match the training-mode features that the NCA loss compares with it.
   """
 
   @jax.jit

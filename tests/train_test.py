@@ -143,7 +143,7 @@ def _fail_if_called(*args, **kwargs):
 
 
 def test_resume_matches_uninterrupted_run(trained, config, tmp_path, monkeypatch, absl_info):
-  # The resumed workdir holds what the uninterrupted run had written after step 2: its config,
+  # The resumed workdir contains what the uninterrupted run had written after step 2: its config,
   # its finished stage 1 and its GAN checkpoint of step 2.
   resumed = tmp_path / 'resumed'
   resumed.mkdir()

@@ -146,7 +146,7 @@ def train_classifier(
 
   kind='resnet18' is the classifier of the OpenGAN paper's method: a ResNet18 trained from scratch on the
   pixels at the GAN resolution, with no flips because a flip swaps left- and right-facing pose.
-  It sees everything in the image, including pose, which F is trained to discard, so it can label
+  It is trained on the whole image, including pose, which F is trained to discard, so it can label
   pose; it is slow on a CPU. kind='linear' is a logistic-regression probe on F's features: fast and
   good for attributes that F encodes, but it cannot label what F ignores (typically pose), so a
   pose direction from it is unreliable.

@@ -162,7 +162,7 @@ def normalize(
   """
   if conditioning == 'none':
     # U-SAGAN: section 5.2 of the OpenGAN paper gives the unconditional baseline non-conditional
-    # norms, but its appendix A says the baseline has none. We follow section 5.2.
+    # norms, but its appendix A gives the baseline none. We follow section 5.2.
     return Normalization(norm, use_affine=True, axis_name=axis_name, name=name)(x, train)
   if cond is None:
     raise ValueError(f'conditioning={conditioning!r} needs a condition vector, got None')
