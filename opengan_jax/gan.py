@@ -270,7 +270,7 @@ def make_train_step(
   *,
   generator: nn.Module,
   discriminator: nn.Module,
-  extractor: nn.Module,
+  extractor: nn.Module | None,
   g_tx: optax.GradientTransformation,
   d_tx: optax.GradientTransformation,
   conditioning: str,
@@ -288,7 +288,8 @@ def make_train_step(
     train_step_per_device,
     generator=generator.clone(axis_name=axis_name),
     discriminator=discriminator.clone(axis_name=axis_name),
-    extractor=extractor.clone(axis_name=None),
+    # U-SAGAN and C-SAGAN have no extractor.
+    extractor=None if extractor is None else extractor.clone(axis_name=None),
     g_tx=g_tx,
     d_tx=d_tx,
     conditioning=conditioning,

@@ -229,3 +229,17 @@ def test_non_finite_loss_keeps_last_checkpoint(trained, config, tmp_path, monkey
   assert int(last_good['step']) == 5
   for leaf in jax.tree.leaves(last_good):
     assert np.isfinite(leaf).all()
+
+
+@pytest.mark.parametrize('conditioning', ['none', 'class'])
+def test_baseline_run_trains_without_extractor(config, tmp_path, conditioning):
+  # U-SAGAN ('none') and C-SAGAN ('class') skip stage 1 and train the GAN without F.
+  config.model.conditioning = conditioning
+  config.gan.num_steps = 2
+  workdir = tmp_path / conditioning
+  state = train.train_and_evaluate(config, str(workdir))
+  assert int(jax.device_get(state.step)) == 2
+  assert _steps(workdir, 'gan') == [2]
+  assert not (workdir / 'checkpoints' / 'extractor').exists()
+  for leaf in jax.tree.leaves(_restore_raw(workdir, 'gan', 2)):
+    assert np.isfinite(leaf).all()
