@@ -2,9 +2,12 @@
 
   python main.py --config=configs/flowers.py --workdir=/tmp/flowers
   python main.py --config=configs/flowers.py --workdir=/tmp/flowers --config.batch_size=64
+  python main.py --mode=extractor --config=configs/flowers.py --workdir=/tmp/flowers
   python main.py --mode=sample --workdir=/tmp/flowers --sources=a.jpg,b.jpg --output=out.png
 
-Rerunning a training command with the same workdir resumes from its last checkpoint.
+--mode=extractor runs stage 1 (the metric extractor F) only; a later training run in the same
+workdir reuses it. Rerunning a training command with the same workdir resumes from its last
+checkpoint.
 """
 
 import logging as logging_std
@@ -22,7 +25,12 @@ from opengan_jax import sampling, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'Train, or sample from a trained workdir.')
+flags.DEFINE_enum(
+  'mode',
+  'train',
+  ['train', 'extractor', 'sample'],
+  'train: both stages; extractor: stage 1 (F) only; sample: sample from a trained workdir.',
+)
 flags.DEFINE_list('sources', [], 'mode=sample: source image files or folders.')
 flags.DEFINE_string(
   'output', None, 'mode=sample: PNG file to write (default WORKDIR/samples/sampled.png).'
@@ -63,6 +71,9 @@ def main(argv):
     return
   if FLAGS.config is None:
     raise app.UsageError('--config is required for training, e.g. --config=configs/demo.py')
+  if FLAGS.mode == 'extractor':
+    train.train_extractor_only(FLAGS.config, FLAGS.workdir)
+    return
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

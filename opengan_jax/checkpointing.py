@@ -33,6 +33,7 @@ ARCHITECTURE_FIELDS = (
   'extractor.stem',
   'extractor.image_size',
   'extractor.feature_dim',
+  'extractor.projection_dim',
   'dataset.source',
   'dataset.name',
   'dataset.num_train_classes',

@@ -9,37 +9,55 @@ import json
 import pathlib
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from opengan_jax import checkpointing, config_checks, metric_learning, parallel, pretrained
+from opengan_jax import (
+  checkpointing,
+  config_checks,
+  efficientnet_weights,
+  metric_learning,
+  parallel,
+  pretrained,
+)
 from opengan_jax.input_pipeline import BatchSampler, ClassSplit
-from opengan_jax.models import ResNet18
+from opengan_jax.models import EfficientNetLite, ResNet18
 
 STAGE = 'extractor'
 SAMPLER_STREAM = 1  # Keeps the extractor's data order apart from the GAN's for the same seed.
 
 
-def make_extractor(config: ml_collections.ConfigDict) -> ResNet18:
-  """Build F (with axis_name=None) from the config."""
-  return ResNet18(stem=config_checks.extractor_stem(config))
+def make_extractor(config: ml_collections.ConfigDict) -> nn.Module:
+  """Build F (with axis_name=None) from the config: a ResNet18 or an EfficientNetLite."""
+  freeze_batch_norm = config_checks.extractor_freeze_batch_norm(config)
+  variant = config_checks.extractor_variant(config)
+  if variant is None:
+    return ResNet18(stem=config_checks.extractor_stem(config), freeze_batch_norm=freeze_batch_norm)
+  return EfficientNetLite(
+    variant=variant,
+    projection_dim=config.extractor.get('projection_dim'),
+    freeze_batch_norm=freeze_batch_norm,
+  )
 
 
 CALIBRATION_BATCHES = 30  # Leaves 0.9**30 (4%) of the initial statistics at momentum 0.9.
 
 
 def calibrate_batch_norm(
-  model: ResNet18, state: Any, sampler: BatchSampler, num_batches: int = CALIBRATION_BATCHES
+  model: nn.Module, state: Any, sampler: BatchSampler, num_batches: int = CALIBRATION_BATCHES
 ) -> Any:
   """Set F's BatchNorm running statistics from training batches, without changing its weights.
 
   A network trained from scratch starts with running statistics (mean 0, variance 1) far from
   its batch statistics. The first cache of centres is computed in evaluation mode, so without
   calibration it would not match the training-mode features that the NCA loss compares with it.
+  Statistics are updated even when the model's BatchNorm is frozen for training.
   """
+  model = model.clone(freeze_batch_norm=False)
 
   @jax.jit
   def update(batch_stats, images):
@@ -59,7 +77,7 @@ def calibrate_batch_norm(
 
 
 def log_recall(
-  model: ResNet18,
+  model: nn.Module,
   variables: dict[str, Any],
   split: ClassSplit,
   train_features: np.ndarray,
@@ -100,8 +118,12 @@ def train_or_restore_extractor(
   split: ClassSplit,
   mesh: jax.sharding.Mesh,
   writer: metric_writers.MetricWriter,
-) -> tuple[ResNet18, dict[str, Any]]:
-  """Run stage 1 to its last epoch (resuming if checkpointed) and return F and its variables."""
+) -> tuple[nn.Module, dict[str, Any]]:
+  """Run stage 1 to its last epoch (resuming if checkpointed) and return F and its variables.
+
+  With num_epochs=0, F keeps its initial (for example pretrained) weights; its recall@1 is still
+  measured and written to WORKDIR/extractor_recall.json.
+  """
   model = make_extractor(config)
   cfg = config.extractor
   image_size = config_checks.extractor_image_size(config)
@@ -126,13 +148,30 @@ def train_or_restore_extractor(
   restored, start_step = checkpointing.restore_latest(manager, target)
   state, centres = restored['state'], np.asarray(restored['centres'])
   start_step = start_step or 0
+  variant = config_checks.extractor_variant(config)
   if start_step == 0 and cfg.init_weights is not None:
     state = pretrained.init_state_from_file(state, cfg.init_weights)
     logging.info('Initialised the extractor from %s.', cfg.init_weights)
+  elif start_step == 0 and variant is not None and cfg.pretrained:
+    state = efficientnet_weights.init_state_from_package(state, variant)
+    logging.info('Initialised the extractor from the ImageNet EfficientNet-%s weights.', variant)
+  logging.info(
+    'Extractor %s: %d-d embeddings from %d px inputs, BatchNorm %s.',
+    cfg.arch,
+    cfg.feature_dim,
+    image_size,
+    'frozen' if config_checks.extractor_freeze_batch_norm(config) else 'trained',
+  )
 
   if start_step >= total_steps:
     if manager.latest_step() is None:
-      # num_epochs=0 trains nothing; save the initial F so sampling can restore it later.
+      # num_epochs=0 trains nothing. Record the recall of the initial F, and save it with its
+      # features as centres so that sampling can restore it later.
+      variables = _variables(state)
+      centres = metric_learning.compute_features(
+        model, variables, split.train_images, cfg.eval_batch_size
+      )
+      log_recall(model, variables, split, centres, config, writer, 0, workdir)
       checkpointing.save(manager, 0, {'state': state, 'centres': centres})
       manager.wait_until_finished()
     logging.info('Extractor stage finished at step %d; reusing it.', start_step)
@@ -144,7 +183,7 @@ def train_or_restore_extractor(
     steps_per_epoch,
     start_step,
   )
-  if start_step == 0 and cfg.init_weights is None:
+  if start_step == 0 and not config_checks.extractor_is_pretrained(config):
     state = calibrate_batch_norm(model, state, sampler)
   train_step = metric_learning.make_extractor_train_step(model, mesh, cfg.sigma, cfg.top_k)
   state = parallel.replicate(state, mesh)
@@ -195,7 +234,7 @@ def _variables(state: Any) -> dict[str, Any]:
 
 def restore_extractor(
   config: ml_collections.ConfigDict, workdir: str
-) -> tuple[ResNet18, dict[str, Any]]:
+) -> tuple[nn.Module, dict[str, Any]]:
   """Return F and its variables from the newest extractor checkpoint of `workdir`."""
   model = make_extractor(config)
   # Restored as saved (nested dicts of arrays): only F's variables are needed here, not the

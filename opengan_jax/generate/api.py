@@ -2,7 +2,7 @@
 
 Conventions of every function here:
   images: float32 (N, R, R, 3) in [-1, 1], where R is the GAN resolution (config.resolution).
-  features: float32 (N, D) metric embeddings f = F(x), D = config.extractor.feature_dim (512).
+  features: float32 (N, D) metric embeddings f = F(x), D = config.extractor.feature_dim.
   latents: float32 (N, Z) drawn from N(0, 1), Z = config.model.z_dim (128).
 Networks run in evaluation mode (BatchNorm running statistics), so each output row depends only on
 its own inputs, and work is split into batches of `batch_size` rows to bound memory.
@@ -13,6 +13,7 @@ import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -21,7 +22,6 @@ from absl import logging
 
 from opengan_jax import config_checks, gan, sampling, train, train_extractor
 from opengan_jax.data import decode
-from opengan_jax.models import ResNet18
 
 DEFAULT_BATCH_SIZE = 64
 MAX_ERROR_DETAIL = 400  # Characters of an orbax error quoted in a mismatch error.
@@ -37,7 +37,7 @@ class OpenGan:
   config: ml_collections.ConfigDict
   generator: Any  # models.Generator with axis_name=None.
   generator_variables: dict[str, Any]
-  extractor: ResNet18
+  extractor: nn.Module  # models.ResNet18 or models.EfficientNetLite, with axis_name=None.
   extractor_variables: dict[str, Any]
   step: int  # GAN training step of the restored checkpoint.
   workdir: pathlib.Path
@@ -86,7 +86,7 @@ def _shape_mismatch_error(
 
 
 def _check_extractor_shapes(
-  config: ml_collections.ConfigDict, extractor: ResNet18, variables: dict[str, Any]
+  config: ml_collections.ConfigDict, extractor: nn.Module, variables: dict[str, Any]
 ) -> None:
   image_size = config_checks.extractor_image_size(config)
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -95,8 +95,9 @@ def _check_extractor_shapes(
   restored_shapes = jax.tree.map(lambda x: tuple(np.shape(x)), variables)
   if expected_shapes != restored_shapes:
     raise ValueError(
-      'the extractor variables do not have the shapes of a ResNet18 with stem '
-      f'{extractor.stem!r} for {image_size} px inputs'
+      'the extractor variables do not have the shapes of the '
+      f'{type(extractor).__name__} that config.extractor.arch={config.extractor.arch!r} builds '
+      f'for {image_size} px inputs'
     )
 
 

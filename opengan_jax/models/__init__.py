@@ -1,4 +1,4 @@
-"""OpenGAN networks: generator, discriminator and the ResNet18 feature extractor."""
+"""OpenGAN networks: generator, discriminator and the feature extractors (ResNet18, EfficientNet-Lite)."""
 
 from opengan_jax.models.architecture import (
   CONDITIONINGS,
@@ -12,6 +12,7 @@ from opengan_jax.models.architecture import (
   num_blocks,
 )
 from opengan_jax.models.discriminator import Discriminator
+from opengan_jax.models.efficientnet import EfficientNetLite
 from opengan_jax.models.generator import Generator
 from opengan_jax.models.resnet import ResNet18
 
@@ -20,6 +21,7 @@ __all__ = [
   'NORMS',
   'RESOLUTIONS',
   'Discriminator',
+  'EfficientNetLite',
   'Generator',
   'ResNet18',
   'attention_resolution',

@@ -39,6 +39,7 @@ class BasicBlock(nn.Module):
 
   features: int
   stride: int = 1
+  freeze_batch_norm: bool = False
   axis_name: str | None = None
   dtype: layers.Dtype = jnp.float32
 
@@ -47,15 +48,16 @@ class BasicBlock(nn.Module):
     batch_norm = functools.partial(
       layers.Normalization, 'batch', use_affine=True, axis_name=self.axis_name
     )
+    norm_train = train and not self.freeze_batch_norm
     h = _conv(self.features, 3, self.stride, self.dtype, 'conv1')(x)
-    h = nn.relu(batch_norm(name='bn1')(h, train))
+    h = nn.relu(batch_norm(name='bn1')(h, norm_train))
     h = _conv(self.features, 3, 1, self.dtype, 'conv2')(h)
-    h = batch_norm(name='bn2')(h, train)
+    h = batch_norm(name='bn2')(h, norm_train)
 
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.features:
       shortcut = _conv(self.features, 1, self.stride, self.dtype, 'shortcut_conv')(x)
-      shortcut = batch_norm(name='shortcut_bn')(shortcut, train)
+      shortcut = batch_norm(name='shortcut_bn')(shortcut, norm_train)
     return nn.relu(h + shortcut)
 
 
@@ -65,11 +67,14 @@ class ResNet18(nn.Module):
   Attributes:
     stem: 'cifar' (3x3 stride-1 conv, no max-pool; for small images) or 'imagenet' (7x7
       stride-2 conv and 3x3 stride-2 max-pool).
+    freeze_batch_norm: Whether BatchNorm uses its running statistics and leaves them unchanged
+      even with train=True, as when fine-tuning pretrained weights.
     axis_name: Data-parallel axis for BatchNorm statistics; None on a single device.
     dtype: Computation dtype of the convs; BatchNorm runs in float32.
   """
 
   stem: str = 'cifar'
+  freeze_batch_norm: bool = False
   axis_name: str | None = None
   dtype: layers.Dtype = jnp.float32
 
@@ -87,7 +92,7 @@ class ResNet18(nn.Module):
     else:
       h = _conv(64, 7, 2, self.dtype, 'stem_conv')(x)
     h = layers.Normalization('batch', use_affine=True, axis_name=self.axis_name, name='stem_bn')(
-      h, train
+      h, train and not self.freeze_batch_norm
     )
     h = nn.relu(h)
     if self.stem == 'imagenet':
@@ -99,6 +104,7 @@ class ResNet18(nn.Module):
         h = BasicBlock(
           features,
           stride,
+          freeze_batch_norm=self.freeze_batch_norm,
           axis_name=self.axis_name,
           dtype=self.dtype,
           name=f'stage{stage}_block{index}',
