@@ -229,7 +229,7 @@ class SelfAttention(nn.Module):
     key = pool(projection(qk_channels, 'key')(x, train)).reshape(batch, -1, qk_channels)
     value = pool(projection(v_channels, 'value')(x, train)).reshape(batch, -1, v_channels)
 
-    logits = jnp.einsum('bqd,bkd->bqk', query, key).astype(jnp.float32)
+    logits = jnp.einsum('bqd,bkd->bqk', query, key, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
     attended = jnp.einsum('bqk,bkd->bqd', weights, value)
     attended = attended.reshape(batch, height, width, v_channels)
