@@ -115,7 +115,12 @@ def packaged_weights_path(variant: str) -> pathlib.Path:
 
 
 def read_verified_bytes(path: str | os.PathLike, expected_sha256: str) -> bytes:
-  """Return the contents of `path` after checking their SHA-256; raise ValueError on a mismatch."""
+  """Return the contents of `path` after checking their SHA-256; raise ValueError on a mismatch.
+
+  Only a regular file is read, so a pipe or a device cannot make the read hang or exhaust memory.
+  """
+  if not pathlib.Path(path).is_file():
+    raise ValueError(f'{path} is not a regular file; pass the weights file itself.')
   data = pathlib.Path(path).read_bytes()
   digest = hashlib.sha256(data).hexdigest()
   if digest != expected_sha256.lower():

@@ -1,10 +1,11 @@
 """Tests of config_checks.validate_config, alone and as the first step of train_and_evaluate."""
 
+import functools
 import time
 
 import pytest
 
-from configs import default, demo
+from configs import celeba, default, demo, flowers
 from opengan_jax import config_checks, train
 
 NUM_DEVICES = 4
@@ -28,9 +29,25 @@ def _set(config, field: str, value) -> None:
   parent[key] = value
 
 
-@pytest.mark.parametrize('get_config', [default.get_config, demo.get_config])
+@pytest.mark.parametrize(
+  'get_config',
+  [
+    default.get_config,
+    demo.get_config,
+    flowers.get_config,
+    functools.partial(flowers.get_config, 'paper'),
+    celeba.get_config,
+  ],
+)
 def test_shipped_configs_valid(get_config):
   config_checks.validate_config(get_config(), num_devices=NUM_DEVICES)
+
+
+def test_flowers_variants():
+  assert flowers.get_config().extractor.arch == 'efficientnet_lite0'
+  assert flowers.get_config('paper').extractor.arch == 'resnet18'
+  with pytest.raises(ValueError, match="unknown variant 'resnet'"):
+    flowers.get_config('resnet')
 
 
 def test_folder_config_valid(tmp_path):

@@ -484,3 +484,9 @@ def test_pretrained_zero_epochs_records_recall(flowers_dir, tmp_path):
     np.asarray(restored['params']['head']['conv']['kernel']),
     np.asarray(variables['params']['head']['conv']['kernel']),
   )
+
+
+def test_weights_reader_rejects_non_regular_files(tmp_path):
+  # A directory (like a pipe or a device) is refused before any byte is read.
+  with pytest.raises(ValueError, match='is not a regular file'):
+    efficientnet_weights.read_verified_bytes(tmp_path, '0' * 64)
