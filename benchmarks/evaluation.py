@@ -3,10 +3,10 @@
   python benchmarks/evaluation.py --evaluator_dir /tmp/eval32 --num_samples 10000 \
     --image_dir ../shared/data/flowers102
 
-Times, on N images at the evaluator's resolution (real images of a class-per-folder dataset,
-repeated to N when there are fewer): the evaluator's batched features over all local devices, then the
-Frechet distance, KID and precision/recall of those features against themselves shifted by one
-image. The distances' values are meaningless here; only their cost is measured.
+The images are N real images of a class-per-folder dataset at the evaluator's resolution,
+repeated to N when there are fewer. The script times the evaluator's batched features over all
+local devices. It then times the Frechet distance, KID and precision/recall of those features
+against themselves shifted by one image; those values are meaningless, only their cost counts.
 
 One JSON line goes to stdout.
 """

@@ -46,7 +46,7 @@ def test_shipped_configs_valid(get_config):
 def test_flowers_variants():
   assert flowers.get_config().extractor.arch == 'efficientnet_lite0'
   assert flowers.get_config('paper').extractor.arch == 'resnet18'
-  with pytest.raises(ValueError, match="unknown variant 'resnet'"):
+  with pytest.raises(ValueError, match="invalid variant 'resnet'"):
     flowers.get_config('resnet')
 
 
