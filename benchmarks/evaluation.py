@@ -6,7 +6,8 @@
 The images are N real images of a class-per-folder dataset at the evaluator's resolution,
 repeated to N when there are fewer. The script times the evaluator's batched features over all
 local devices. It then times the Frechet distance, KID and precision/recall of those features
-against themselves shifted by one image; those values are meaningless, only their cost counts.
+against themselves shifted by one image. Only the cost of those distances is measured, because
+their values are meaningless here.
 
 One JSON line goes to stdout.
 """

@@ -28,6 +28,7 @@ from flax import traverse_util
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+CONVERT_COMMAND = 'python -m opengan_jax.pretrained convert --input FILE.pth --output FILE.npz'
 _SEPARATOR = '/'
 _STEM_KERNEL = 'params/stem_conv/kernel'
 # Kernel side of the stem conv for each ResNet18 stem (see models/resnet.py).
@@ -68,20 +69,25 @@ def save_extractor_weights(path: str | os.PathLike, variables: Mapping[str, Any]
     np.savez(f, **flat)
 
 
-def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_npz_arrays(path: str | os.PathLike, convert_command: str) -> dict[str, np.ndarray]:
+  """Return the named arrays of an .npz file without unpickling anything.
+
+  `convert_command` is the command that turns a PyTorch file into such an .npz; error messages
+  name it.
+  """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'extractor weights file not found: {path}')
+    raise FileNotFoundError(f'weights file not found: {path}')
   try:
     data = np.load(path, allow_pickle=False)
   except ValueError as error:  # numpy raises this for a pickle, such as a legacy .pth file.
     raise ValueError(
       f'{path} is not an .npz of arrays ({error}). Convert a PyTorch .pth file first with '
-      '`python -m opengan_jax.pretrained convert --input FILE.pth --output FILE.npz`.'
+      f'`{convert_command}`.'
     ) from error
   if not isinstance(data, np.lib.npyio.NpzFile):
     raise ValueError(
       f'{path} contains a single array, not an .npz of named arrays; write it with '
-      'opengan_jax.pretrained.save_extractor_weights or the convert command.'
+      f'`{convert_command}`.'
     )
   arrays = {}
   with data:
@@ -126,7 +132,7 @@ def load_extractor_weights(path: str | os.PathLike, variables: Mapping[str, Any]
     ValueError: if the file is not an .npz of numeric arrays, lacks a key of the model, or
       contains an array of another shape than the model's.
   """
-  arrays = _read_npz(path)
+  arrays = read_npz_arrays(path, CONVERT_COMMAND)
   expected = traverse_util.flatten_dict(variables, sep=_SEPARATOR)
 
   missing = sorted(key for key in expected if key not in arrays)
@@ -269,7 +275,8 @@ def _fold_normalization(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]
   return folded
 
 
-def _read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Return a PyTorch .pth state dict as numpy arrays (needs PyTorch, loads tensors only)."""
   try:
     import torch  # noqa: PLC0415  (optional: only the conversion needs PyTorch)
   except ImportError as error:
@@ -321,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   logging.set_verbosity(logging.INFO)
   weights = convert_torchvision_resnet18(
-    _read_torch_state_dict(args.input),
+    read_torch_state_dict(args.input),
     fold_imagenet_normalization=args.fold_imagenet_normalization,
   )
   _check_against_model(weights)

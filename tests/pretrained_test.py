@@ -367,7 +367,7 @@ def test_convert_command_without_torch(tmp_path):
 
 
 def test_convert_command_writes_loadable_npz(state_dict, tmp_path, monkeypatch):
-  monkeypatch.setattr(pretrained, '_read_torch_state_dict', lambda path: state_dict)
+  monkeypatch.setattr(pretrained, 'read_torch_state_dict', lambda path: state_dict)
   output = tmp_path / 'resnet18.npz'
   pretrained.main(['convert', '--input', 'resnet18.pth', '--output', str(output)])
   loaded = pretrained.load_extractor_weights(output, _abstract_variables('imagenet'))

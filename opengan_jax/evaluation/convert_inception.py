@@ -9,11 +9,12 @@ loading it runs no code. An .npz of the PyTorch state dict (same keys) is read w
 
 import argparse
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from absl import logging
 
+from opengan_jax import pretrained
 from opengan_jax.evaluation import inception
 
 
@@ -22,17 +23,7 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   if path.endswith('.npz'):
     with np.load(path, allow_pickle=False) as data:
       return {key: data[key] for key in data.files}
-  try:
-    import torch  # noqa: PLC0415  (optional: only this conversion needs PyTorch)
-  except ImportError as error:
-    raise SystemExit(
-      'reading a .pth file needs PyTorch, which opengan-jax does not otherwise use: run '
-      '`pip install torch` for the conversion only (on any machine), then copy the .npz here.'
-    ) from error
-  state_dict = torch.load(path, map_location='cpu', weights_only=True)
-  if not isinstance(state_dict, Mapping):
-    raise SystemExit(f'{path} contains a {type(state_dict).__name__}, not a state dict.')
-  return {key: value.detach().cpu().numpy() for key, value in state_dict.items()}
+  return pretrained.read_torch_state_dict(path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

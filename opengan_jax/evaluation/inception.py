@@ -22,7 +22,6 @@ and pass its path to `load_inception_variables` or set OPENGAN_INCEPTION_WEIGHTS
 
 import functools
 import os
-import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import traverse_util
+
+from opengan_jax import pretrained
+
+CONVERT_COMMAND = 'python -m opengan_jax.evaluation.convert_inception IN.pth OUT.npz'
 
 FEATURE_DIM = 2048
 # Side of the images the network was trained on. FID is defined on 299x299 inputs.
@@ -489,31 +492,6 @@ def resolve_weights_path(path: str | os.PathLike | None = None) -> str:
   return path
 
 
-def _read_npz(path: str) -> dict[str, np.ndarray]:
-  try:
-    data = np.load(path, allow_pickle=False)
-  except ValueError as error:  # numpy raises this for pickles, such as a .pth file.
-    raise ValueError(
-      f'{path} is not an .npz of arrays ({error}). Convert the PyTorch file first with '
-      '`python -m opengan_jax.evaluation.convert_inception IN.pth OUT.npz`.'
-    ) from error
-  if not isinstance(data, np.lib.npyio.NpzFile):
-    raise ValueError(f'{path} contains a single array, not an .npz of named arrays.')
-  arrays = {}
-  with data:
-    for key in data.files:
-      try:
-        arrays[key] = data[key]
-      except ValueError as error:
-        raise ValueError(
-          f'{path}: entry {key!r} is a Python object array, which is not read because loading '
-          'it could run code. Store numeric arrays only.'
-        ) from error
-      except (OSError, zipfile.BadZipFile) as error:
-        raise ValueError(f'{path}: entry {key!r} cannot be read: {error}') from error
-  return arrays
-
-
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   try:
     from safetensors.numpy import load_file  # noqa: PLC0415  (optional dependency)
@@ -530,7 +508,7 @@ def read_weights_file(path: str | os.PathLike | None = None) -> dict[str, np.nda
   path = resolve_weights_path(path)
   if path.endswith('.safetensors'):
     return _read_safetensors(path)
-  return _read_npz(path)
+  return pretrained.read_npz_arrays(path, CONVERT_COMMAND)
 
 
 def load_inception_variables(
