@@ -15,6 +15,10 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from opengan_jax import cpu_backend  # noqa: E402
+
+cpu_backend.add_xla_cpu_flags()
+
 import jax  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402

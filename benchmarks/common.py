@@ -22,6 +22,11 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
   sys.path.insert(0, str(REPO_ROOT))
 
+from opengan_jax import cpu_backend  # noqa: E402
+
+# Before JAX starts: the benchmarks measure the XLA:CPU options the training job runs with.
+cpu_backend.add_xla_cpu_flags()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402

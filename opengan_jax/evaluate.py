@@ -13,6 +13,10 @@ import pathlib
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from opengan_jax import cpu_backend  # noqa: E402
+
+cpu_backend.add_xla_cpu_flags()
+
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402

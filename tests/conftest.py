@@ -4,17 +4,21 @@ Tests run on the CPU with 4 faked devices, so the data-parallel path is covered 
 """
 
 import os
+import pathlib
 import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The tests run with the XLA:CPU options of the entry points (see opengan_jax/cpu_backend.py).
+from opengan_jax import cpu_backend  # noqa: E402
+
+cpu_backend.add_xla_cpu_flags()
+
 # Several tests compile the same training steps; a per-session compilation cache pays for each
 # program once.
 os.environ.setdefault(
   'JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='opengan-jax-test-compile-cache-')
 )
-
-import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 

@@ -275,6 +275,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from opengan_jax import cpu_backend
+
+  cpu_backend.add_xla_cpu_flags()  # Before JAX starts its backend.
   # Flags are defined only when run as a command, so importing this module defines none.
   flags.DEFINE_string('workdir', None, 'Evaluator directory (EVAL_DIR): checkpoint and JSON.')
   config_flags.DEFINE_config_file('config', None, 'Dataset configuration file.', lock_config=True)

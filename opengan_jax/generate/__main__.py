@@ -15,6 +15,10 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from opengan_jax import cpu_backend  # noqa: E402
+
+cpu_backend.add_xla_cpu_flags()
+
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
