@@ -27,12 +27,13 @@ from opengan_jax import cpu_backend  # noqa: E402
 # Before JAX starts: the benchmarks measure the XLA:CPU options the training job runs with.
 cpu_backend.add_xla_cpu_flags()
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
-from opengan_jax import config_checks  # noqa: E402
-from opengan_jax.models import Discriminator, Generator, ResNet18  # noqa: E402
+from opengan_jax import networks  # noqa: E402
+from opengan_jax.models import Discriminator, Generator  # noqa: E402
 
 DTYPES = ('float32', 'bfloat16')
 
@@ -251,26 +252,10 @@ def model_config(resolution: int, ch: int, batch: int, dtype: str) -> ml_collect
 
 def make_networks(
   config: ml_collections.ConfigDict, num_classes: int
-) -> tuple[Generator, Discriminator, ResNet18]:
-  """Build G, D and F as the training job does, for the feature-conditional GAN.
-
-  Mirrors opengan_jax.train.make_networks and train_extractor.make_extractor, which cannot be
-  imported without TensorFlow.
-  """
-  dtype = jnp.dtype(config.model.dtype)
-  common = dict(
-    resolution=config.resolution,
-    ch=config.model.ch,
-    feature_dim=config.extractor.feature_dim,
-    conditioning=config.model.conditioning,
-    norm=config.model.norm,
-    centred_scale=config.model.centred_scale,
-    num_classes=num_classes if config.model.conditioning == 'class' else None,
-    dtype=dtype,
-  )
-  generator = Generator(z_dim=config.model.z_dim, **common)
-  discriminator = Discriminator(**common)
-  extractor = ResNet18(stem=config_checks.extractor_stem(config), dtype=dtype)
+) -> tuple[Generator, Discriminator, nn.Module]:
+  """Build G, D and F in the config's compute dtype, as the training job does."""
+  generator, discriminator = networks.make_networks(config, num_classes)
+  extractor = networks.make_extractor(config).clone(dtype=networks.compute_dtype(config))
   return generator, discriminator, extractor
 
 

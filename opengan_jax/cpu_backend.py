@@ -11,6 +11,7 @@ name the CPU backend only, so GPU and TPU programs ignore them.
 """
 
 import os
+from collections.abc import MutableMapping
 
 # Set OPENGAN_XLA_CPU_FLAGS=0 to leave XLA_FLAGS exactly as the environment has it.
 OPT_OUT_VARIABLE = 'OPENGAN_XLA_CPU_FLAGS'
@@ -36,7 +37,7 @@ def _flag_name(flag: str) -> str:
   return flag.split('=', 1)[0]
 
 
-def add_xla_cpu_flags(environ: dict[str, str] | None = None) -> list[str]:
+def add_xla_cpu_flags(environ: MutableMapping[str, str] | None = None) -> list[str]:
   """Append the flags of XLA_CPU_FLAGS to XLA_FLAGS in `environ` (default os.environ).
 
   A flag that XLA_FLAGS already sets, to any value, is left as it is, so a user's own choice

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from clu import metric_writers  # noqa: E402
 
-from opengan_jax import checkpointing, sampling, train, train_extractor  # noqa: E402
+from opengan_jax import checkpointing, networks, sampling, train, train_extractor  # noqa: E402
 from opengan_jax.evaluation import evaluator as evaluator_lib  # noqa: E402
 from opengan_jax.evaluation import protocols  # noqa: E402
 
@@ -57,7 +57,7 @@ def restore_generator_at(
       f'--step={step} has no GAN checkpoint in {workdir}; available steps: '
       f'{", ".join(map(str, steps))}.'
     )
-  generator, discriminator = train.make_networks(config, config.dataset.num_train_classes)
+  generator, discriminator = networks.make_networks(config, config.dataset.num_train_classes)
   target = checkpointing.on_first_device(
     jax.eval_shape(lambda: train.initial_gan_state(config, generator, discriminator))
   )

@@ -9,7 +9,15 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from opengan_jax import checkpointing, config_checks, gan, image_grid, train, train_extractor
+from opengan_jax import (
+  checkpointing,
+  config_checks,
+  gan,
+  image_grid,
+  networks,
+  train,
+  train_extractor,
+)
 from opengan_jax.data import decode
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
@@ -30,7 +38,7 @@ def restore_generator(
   config: ml_collections.ConfigDict, workdir: str, num_classes: int
 ) -> tuple[Any, dict[str, Any], int]:
   """Return (G, its variables, step) from the newest GAN checkpoint of `workdir`."""
-  generator, discriminator = train.make_networks(config, num_classes)
+  generator, discriminator = networks.make_networks(config, num_classes)
   target = checkpointing.on_first_device(
     jax.eval_shape(lambda: train.initial_gan_state(config, generator, discriminator))
   )

@@ -11,7 +11,6 @@ import pathlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -23,6 +22,7 @@ from opengan_jax import (
   gan,
   image_grid,
   input_pipeline,
+  networks,
   parallel,
   train_extractor,
 )
@@ -32,28 +32,6 @@ from opengan_jax.models import Discriminator, Generator
 STAGE = 'gan'
 SAMPLER_STREAM = 2  # Keeps the GAN's data order apart from the extractor's for the same seed.
 SAMPLE_STREAM = 3  # Seeds the fixed latents of the sample grids.
-
-
-def make_networks(
-  config: ml_collections.ConfigDict, num_classes: int
-) -> tuple[Generator, Discriminator]:
-  """Build G and D (with axis_name=None) from the config."""
-  common = dict(
-    resolution=config.resolution,
-    ch=config.model.ch,
-    feature_dim=config.extractor.feature_dim,
-    conditioning=config.model.conditioning,
-    norm=config.model.norm,
-    centred_scale=config.model.centred_scale,
-    num_classes=num_classes if config.model.conditioning == 'class' else None,
-    dtype=compute_dtype(config),
-  )
-  return Generator(z_dim=config.model.z_dim, **common), Discriminator(**common)
-
-
-def compute_dtype(config: ml_collections.ConfigDict) -> jnp.dtype:
-  """Return config.model.dtype as a dtype. Workdir configs saved without the field mean float32."""
-  return jnp.dtype(config.model.get('dtype', 'float32'))
 
 
 def initial_gan_state(
@@ -149,7 +127,7 @@ def train_gan(
 ) -> gan.GanState:
   """Run stage 2 from the last checkpoint up to config.gan.num_steps."""
   num_classes = len(split.train_class_names)
-  generator, discriminator = make_networks(config, num_classes)
+  generator, discriminator = networks.make_networks(config, num_classes)
   state = parallel.replicate(initial_gan_state(config, generator, discriminator), mesh)
   manager = checkpointing.make_manager(workdir, STAGE, config.keep_checkpoints)
   state, start_step = checkpointing.restore_latest(manager, state)
@@ -169,7 +147,7 @@ def train_gan(
     generator=generator,
     discriminator=discriminator,
     # F computes the real features and the G step's pass in the same dtype as G and D.
-    extractor=None if extractor is None else extractor.clone(dtype=compute_dtype(config)),
+    extractor=None if extractor is None else extractor.clone(dtype=networks.compute_dtype(config)),
     g_tx=g_tx,
     d_tx=d_tx,
     conditioning=config.model.conditioning,

@@ -21,28 +21,14 @@ from opengan_jax import (
   config_checks,
   efficientnet_weights,
   metric_learning,
+  networks,
   parallel,
   pretrained,
 )
 from opengan_jax.input_pipeline import BatchSampler, ClassSplit
-from opengan_jax.models import EfficientNetLite, ResNet18
 
 STAGE = 'extractor'
 SAMPLER_STREAM = 1  # Keeps the extractor's data order apart from the GAN's for the same seed.
-
-
-def make_extractor(config: ml_collections.ConfigDict) -> nn.Module:
-  """Build F (with axis_name=None) from the config: a ResNet18 or an EfficientNetLite."""
-  freeze_batch_norm = config_checks.extractor_freeze_batch_norm(config)
-  variant = config_checks.extractor_variant(config)
-  if variant is None:
-    return ResNet18(stem=config_checks.extractor_stem(config), freeze_batch_norm=freeze_batch_norm)
-  return EfficientNetLite(
-    variant=variant,
-    projection_dim=config.extractor.get('projection_dim'),
-    freeze_batch_norm=freeze_batch_norm,
-  )
-
 
 CALIBRATION_BATCHES = 30  # Leaves 0.9**30 (4%) of the initial statistics at momentum 0.9.
 
@@ -124,7 +110,7 @@ def train_or_restore_extractor(
   With num_epochs=0, F keeps its initial (for example pretrained) weights; its recall@1 is still
   measured and written to WORKDIR/extractor_recall.json.
   """
-  model = make_extractor(config)
+  model = networks.make_extractor(config)
   cfg = config.extractor
   image_size = config_checks.extractor_image_size(config)
   sampler = BatchSampler(
@@ -236,7 +222,7 @@ def restore_extractor(
   config: ml_collections.ConfigDict, workdir: str
 ) -> tuple[nn.Module, dict[str, Any]]:
   """Return F and its variables from the newest extractor checkpoint of `workdir`."""
-  model = make_extractor(config)
+  model = networks.make_extractor(config)
   # Restored as saved (nested dicts of arrays): only F's variables are needed here, not the
   # optimiser state or the centres, whose shape depends on the training images.
   restored, step = checkpointing.restore_latest_as_saved(workdir, STAGE)

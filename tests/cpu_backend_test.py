@@ -33,14 +33,14 @@ def _conv_hlo() -> str:
   return conv.lower(jnp.zeros((8, 16, 16, 32)), jnp.zeros((3, 3, 32, 32))).compile().as_text()
 
 
-def test_adds_every_flag_to_an_empty_environment():
+def test_flags_added_to_empty_environment():
   environ = {}
   added = cpu_backend.add_xla_cpu_flags(environ)
   assert added == list(cpu_backend.XLA_CPU_FLAGS)
   assert environ['XLA_FLAGS'].split() == list(cpu_backend.XLA_CPU_FLAGS)
 
 
-def test_keeps_the_users_flags_and_their_values():
+def test_user_flags_keep_their_values():
   user_value = '--xla_cpu_use_fusion_emitters=true'
   environ = {'XLA_FLAGS': f'--xla_force_host_platform_device_count=4 {user_value}'}
   added = cpu_backend.add_xla_cpu_flags(environ)
@@ -59,7 +59,7 @@ def test_opt_out_leaves_xla_flags_alone():
   assert environ['XLA_FLAGS'] == '--xla_dump_to=/tmp/x'
 
 
-def test_this_process_compiles_convolutions_without_ynnpack():
+def test_process_compiles_conv_without_ynnpack():
   # conftest.py applied the flags before JAX started, as the entry points do.
   for flag in cpu_backend.XLA_CPU_FLAGS:
     assert flag in os.environ['XLA_FLAGS'].split()

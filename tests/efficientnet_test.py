@@ -28,7 +28,14 @@ from PIL import Image
 from skimage import data as skimage_data
 
 from configs import default
-from opengan_jax import config_checks, efficientnet_weights, metric_learning, train, train_extractor
+from opengan_jax import (
+  config_checks,
+  efficientnet_weights,
+  metric_learning,
+  networks,
+  train,
+  train_extractor,
+)
 from opengan_jax.models import EfficientNetLite, ResNet18, efficientnet
 
 NUM_DEVICES = 4
@@ -412,15 +419,15 @@ def test_image_size_defaults():
 
 
 def test_make_extractor_freezes_when_pretrained():
-  pretrained = train_extractor.make_extractor(_lite_config(pretrained=True, projection_dim=64))
+  pretrained = networks.make_extractor(_lite_config(pretrained=True, projection_dim=64))
   assert isinstance(pretrained, EfficientNetLite)
   assert pretrained.freeze_batch_norm
   assert pretrained.projection_dim == 64
-  assert not train_extractor.make_extractor(_lite_config()).freeze_batch_norm
-  assert not train_extractor.make_extractor(
+  assert not networks.make_extractor(_lite_config()).freeze_batch_norm
+  assert not networks.make_extractor(
     _lite_config(pretrained=True, freeze_batch_norm=False)
   ).freeze_batch_norm
-  resnet = train_extractor.make_extractor(default.get_config())
+  resnet = networks.make_extractor(default.get_config())
   assert isinstance(resnet, ResNet18)
   assert not resnet.freeze_batch_norm
 
@@ -430,7 +437,7 @@ def test_old_workdir_config_builds_resnet():
   saved = default.get_config().to_dict()
   for field in ('pretrained', 'projection_dim', 'freeze_batch_norm'):
     del saved['extractor'][field]
-  model = train_extractor.make_extractor(ml_collections.ConfigDict(saved))
+  model = networks.make_extractor(ml_collections.ConfigDict(saved))
   assert model == ResNet18(stem='imagenet')
 
 

@@ -14,7 +14,7 @@ import pytest
 import tiny_runs
 
 from configs import default
-from opengan_jax import config_checks, evaluate, sampling, train
+from opengan_jax import config_checks, evaluate, networks, sampling, train
 from opengan_jax.evaluation import evaluator as evaluator_lib
 from opengan_jax.evaluation import protocols, train_evaluator
 
@@ -205,7 +205,7 @@ def test_baseline_protocol_t(conditioning, evaluator, tmp_path_factory, flowers_
   config = tiny_runs.shared_config(tmp_path_factory, flowers_dir)
   config.model.conditioning = conditioning
   split = train.load_data(config, config.dataset.cache_dir, config.resolution)
-  generator, discriminator = train.make_networks(config, len(split.train_class_names))
+  generator, discriminator = networks.make_networks(config, len(split.train_class_names))
   state = train.initial_gan_state(config, generator, discriminator)
   model = protocols.make_gan_under_evaluation(
     config, generator, state.generator.variables(), 0, split

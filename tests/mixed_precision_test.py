@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from opengan_jax import config_checks, gan, parallel, train
+from opengan_jax import config_checks, gan, networks, parallel
 from opengan_jax.models import Discriminator, Generator, ResNet18
 
 RESOLUTION = 32
@@ -228,7 +228,7 @@ def test_config_dtype_builds_bfloat16_networks():
   config = default.get_config()
   config.model.dtype = 'bfloat16'
   config_checks.validate_config(config, num_devices=1)
-  generator, discriminator = train.make_networks(config, num_classes=1)
+  generator, discriminator = networks.make_networks(config, num_classes=1)
   assert generator.dtype == jnp.bfloat16
   assert discriminator.dtype == jnp.bfloat16
 
@@ -243,4 +243,4 @@ def test_config_dtype_invalid_rejected():
 def test_config_without_dtype_means_float32():
   config = default.get_config()
   del config.model['dtype']  # As in a workdir config.json written before the field existed.
-  assert train.compute_dtype(config) == jnp.float32
+  assert networks.compute_dtype(config) == jnp.float32
